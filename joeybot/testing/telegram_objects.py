@@ -81,7 +81,7 @@ def build_bot_user(bot_id: int, username: str, first_name: str) -> dict[str, Any
 
 
 def build_chat(chat_id: int, user: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build a Chat object; a private chat takes its name from `user`, a group gets a title."""
+    """Build a Chat object named after `user` for a private chat, or titled for a group."""
     chat_type = chat_type_for(chat_id)
     if chat_type != "private":
         return {"id": chat_id, "type": chat_type, "title": f"Group {chat_id}"}
