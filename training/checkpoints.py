@@ -64,8 +64,8 @@ def save_checkpoint(
     """Write adapter, optimizer, scheduler, progress, RNG states and config for --resume."""
     folder = Path(config.output_dir) / CHECKPOINT_DIR / f"step-{state.step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
-    # The embeddings are never trained; False also stops peft from looking up the base
-    # model's config on the Hub to compare vocabulary sizes.
+    # The embeddings are never trained. Passing False also keeps peft from looking up the
+    # base model's config on the Hub to compare vocabulary sizes.
     model.save_pretrained(folder, save_embedding_layers=False)
     payload = {
         "optimizer": optimizer.state_dict(),

