@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from joeybot.config import Settings, SettingsError, load_settings
 from joeybot.errors import ModelLoadError
+from joeybot.process import redact_secrets_in_logs
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,26 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--message", "-m", help="send one message, print the reply and exit")
     add_model_options(chat)
     chat.set_defaults(handler=run_chat)
+    add_service_commands(commands)
     return parser
+
+
+def add_service_commands(commands: argparse._SubParsersAction) -> None:
+    """Add `bot`, `worker` and `up`: the processes of the Telegram service."""
+    bot = commands.add_parser("bot", help="run the Telegram bot (polling, or a webhook)")
+    bot.set_defaults(handler=run_bot_command)
+
+    worker = commands.add_parser("worker", help="run a worker: load the model, reply to chats")
+    add_model_options(worker)
+    worker.set_defaults(handler=run_worker_command)
+
+    up = commands.add_parser(
+        "up", help="run workers, the bot and the admin page together until Ctrl-C"
+    )
+    up.add_argument(
+        "--workers", type=int, default=1, help="number of worker processes (default: 1)"
+    )
+    up.set_defaults(handler=run_up_command)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +108,47 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.message is not None:
         return answer_once(engine, args.message)
     return interactive(engine)
+
+
+def run_bot_command(args: argparse.Namespace) -> int:
+    from joeybot.bot.app import run_bot
+
+    settings = load_settings()
+    redact_secrets_in_logs(settings)
+    return _run_service(lambda: asyncio.run(run_bot(settings)))
+
+
+def run_worker_command(args: argparse.Namespace) -> int:
+    from joeybot.worker import serve
+
+    settings = settings_from_args(args)
+    redact_secrets_in_logs(settings)
+    return _run_service(lambda: asyncio.run(serve(settings)))
+
+
+def run_up_command(args: argparse.Namespace) -> int:
+    from joeybot.launcher import run_up
+
+    if args.workers < 1:
+        print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
+    settings = load_settings()
+    redact_secrets_in_logs(settings)
+    return _run_service(lambda: run_up(settings, args.workers, args.log_level))
+
+
+def _run_service(run: Callable[[], int | None]) -> int:
+    """Call `run` until the service stops; print a start-up failure as one error line."""
+    from joeybot.bot.app import BotStartError
+    from joeybot.redis_client import RedisUnavailableError
+    from joeybot.telegram import MissingTokenError
+
+    try:
+        status = run()
+    except (RedisUnavailableError, MissingTokenError, BotStartError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return status or 0
 
 
 def configure_logging(level: str) -> None:
