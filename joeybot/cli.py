@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(chat)
     chat.set_defaults(handler=run_chat)
     add_service_commands(commands)
+
+    admin = commands.add_parser(
+        "admin", help="serve the admin web page (needs ADMIN_PASSWORD and running workers)"
+    )
+    admin.add_argument("--host", help="address to listen on (sets ADMIN_HOST, default 127.0.0.1)")
+    admin.add_argument("--port", type=int, help="port to listen on (sets ADMIN_PORT, default 7860)")
+    admin.set_defaults(handler=run_admin)
     return parser
 
 
@@ -108,6 +115,21 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.message is not None:
         return answer_once(engine, args.message)
     return interactive(engine)
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    from joeybot.admin.server import serve
+    from joeybot.redis_client import RedisUnavailableError
+
+    address = {"host": args.host, "port": args.port}
+    settings = load_settings(admin={k: v for k, v in address.items() if v is not None})
+    redact_secrets_in_logs(settings)
+    try:
+        serve(settings)
+    except RedisUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_bot_command(args: argparse.Namespace) -> int:
