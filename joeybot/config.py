@@ -275,10 +275,13 @@ class WorkerProcessSettings(_Section):
         ),
     )
     poll_delay_s: float = Field(
-        default=0.01,
+        default=0.005,
         gt=0,
         le=5,
-        description="Pause between two checks of the queue, in seconds; sets the pick-up delay.",
+        description=(
+            "Pause between two checks of the queue, in seconds. An idle worker picks a job up "
+            "after half of it on average, at the cost of one Redis command per check."
+        ),
     )
     max_jobs: int = Field(
         default=1,

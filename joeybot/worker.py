@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import time
 from typing import Any
 
 from arq import Worker
@@ -25,7 +26,6 @@ from joeybot import keys
 from joeybot.config import Settings, load_settings
 from joeybot.history import HistoryStore
 from joeybot.inbox import Inbox
-from joeybot.process import stop_on_signals
 from joeybot.redis_client import check_redis, create_redis, describe_url
 from joeybot.replying import ReplyServices, reply
 from joeybot.telegram import create_bot, require_token
@@ -36,7 +36,10 @@ logger = logging.getLogger(__name__)
 # arq counts every run of a job as a try, including re-runs after a 429 or a Redis error. The
 # real cap per message is WORKER_MAX_ATTEMPTS, which joeybot.replying counts.
 REPLY_MAX_TRIES = 50
+# Delays before restarting arq after consecutive failures, and the run time after which a
+# failure counts as the first one again.
 RESTART_DELAY_S = (1.0, 2.0, 5.0, 10.0)
+STABLE_RUN_S = 60.0
 ADMIN_JOBS_MODULE = "joeybot.admin.jobs"
 
 
@@ -154,18 +157,29 @@ def build_worker(
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Run a worker until SIGINT/SIGTERM or `stop`, restarting arq after a Redis outage."""
+    """Run a worker until SIGINT/SIGTERM or `stop`, restarting arq after a Redis outage.
+
+    Without `stop`, arq's own signal handlers stop the worker: they cancel the running jobs
+    (arq queues them again) and log the signal.
+    """
     require_token(settings)
     await check_redis(settings.redis)
     engine = await asyncio.to_thread(load_engine, settings)
     ctx: dict[str, Any] = {"engine": engine, "worker_id": new_worker_id()}
-    stop = stop or stop_on_signals()
+    handle_signals = stop is None
+    stop = stop or asyncio.Event()
     failures = 0
     while not stop.is_set():
-        worker = build_worker(settings, ctx, handle_signals=False)
+        worker = build_worker(settings, ctx, handle_signals=handle_signals)
+        if handle_signals:
+            # Only arq's signal handlers call on_stop then; without them close() calls it too.
+            worker.on_stop = lambda signum: stop.set()
+        started = time.monotonic()
         failure = await _run_until_stopped(worker, stop)
         if failure is None:
             break
+        if time.monotonic() - started > STABLE_RUN_S:
+            failures = 0  # a new outage starts again with the shortest delay
         delay_s = RESTART_DELAY_S[min(failures, len(RESTART_DELAY_S) - 1)]
         failures += 1
         logger.warning(
@@ -188,8 +202,9 @@ async def _run_until_stopped(worker: Worker, stop: asyncio.Event) -> BaseExcepti
     await asyncio.wait({main, stopped}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     failure = main.exception() if main.done() and not main.cancelled() else None
-    if failure is None:
-        logger.info("stopping the worker")
+    if failure is not None:
+        for task in worker.tasks.values():
+            task.cancel()  # arq queues a cancelled job again
     # With handle_signals=False, close() cancels the jobs and the polling loop itself.
     await _close_quietly(worker)
     await asyncio.gather(main, return_exceptions=True)
