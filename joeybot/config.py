@@ -45,8 +45,12 @@ class ModelSettings(_Section):
         ),
     )
     adapter: str = Field(
-        default="",
-        description="PEFT LoRA adapter: a local folder or a Hub id. Empty means the base alone.",
+        default="auto",
+        description=(
+            "PEFT LoRA adapter: a local folder or a Hub id. Empty means the base alone. "
+            "auto means the adapter shipped in models/ when MODEL_BASE is the default "
+            "model, and the base alone for any other base."
+        ),
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32",
@@ -88,7 +92,9 @@ class GenerationSettings(_Section):
     top_k: int = Field(default=50, ge=0, description="0 disables top-k filtering.")
     repetition_penalty: float = Field(default=1.15, ge=1.0, le=3.0)
     max_new_tokens: int = Field(default=96, ge=1, le=4096)
-    seed: int | None = Field(default=None, description="Fixed sampling seed; empty is random.")
+    seed: int | None = Field(
+        default=None, ge=0, le=2**32 - 1, description="Fixed sampling seed; empty is random."
+    )
 
     @field_validator("seed", mode="before")
     @classmethod

@@ -239,3 +239,122 @@ def test_empty_reply_falls_back(tiny_llama_dir: Path, tmp_path: Path, caplog) ->
     assert stream.result.regenerated
     assert "".join(pieces) == FALLBACK_REPLY
     assert "empty reply twice" in caplog.text
+
+
+# ----- scripted output: a real model whose next token is forced by a forward hook ------------
+
+
+class ScriptedOutput:
+    """Make the model emit `tokens` in order (then end of text), restarting on each new prompt."""
+
+    def __init__(self, model: torch.nn.Module, tokens: list[int], eos_id: int) -> None:
+        self.tokens = tokens
+        self.eos_id = eos_id
+        self.position = 0
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.handles = [
+            inner.register_forward_pre_hook(self._restart_on_prompt, with_kwargs=True),
+            inner.lm_head.register_forward_hook(self._force),
+        ]
+
+    def _restart_on_prompt(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids")
+        if input_ids is not None and input_ids.shape[1] > 1:
+            self.position = 0
+
+    def _force(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
+        token = self.tokens[self.position] if self.position < len(self.tokens) else self.eos_id
+        self.position += 1
+        forced = torch.full_like(output, -1e4)
+        forced[:, -1, token] = 1e4
+        return forced
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.fixture
+def scripted(tiny_loaded: LoadedModel):
+    hooks: list[ScriptedOutput] = []
+
+    def script(pieces: list[str]) -> JoeyEngine:
+        tokenizer = tiny_loaded.tokenizer
+        tokens = tokenizer.convert_tokens_to_ids(pieces)
+        hooks.append(ScriptedOutput(tiny_loaded.model, tokens, tokenizer.eos_token_id))
+        return JoeyEngine(tiny_loaded, GREEDY)
+
+    yield script
+    for hook in hooks:
+        hook.remove()
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["▁Box", "▁Mr", "<0x57>", "<0xF0>"],
+        ["▁Hi", "<0x4D>", "<0x98>", "▁day"],
+        ["▁Jo", "ey", "<0x09>", ":", "▁hi", "▁there"],
+        ["▁Hey", "<0x0A>", "▁Ross", ":", "▁no"],
+    ],
+)
+def test_stream_matches_result_on_byte_tokens(scripted, pieces: list[str], caplog) -> None:
+    engine = scripted(pieces)
+    with caplog.at_level("WARNING"):
+        stream = engine.stream([], "Hi")
+        streamed = "".join(stream)
+
+    assert streamed == stream.result.text
+    assert "differ" not in caplog.text
+    assert engine.reply([], "Hi").text == stream.result.text
+
+
+def test_special_token_ends_turn(scripted) -> None:
+    engine = scripted(["▁Hey", "!", "<s>", "▁User", ":", "▁hack"])
+    reply = engine.reply([], "Hi")
+
+    assert reply.text == "Hey!"
+    assert reply.new_tokens == 3
+
+
+def test_invisible_reply_falls_back(scripted) -> None:
+    engine = scripted(["<0xE2>", "<0x80>", "<0x8B>"])  # U+200B ZERO WIDTH SPACE
+    stream = engine.stream([], "Hi")
+    streamed = "".join(stream)
+
+    assert stream.result.fallback
+    assert streamed == stream.result.text
+    assert stream.result.text.endswith(FALLBACK_REPLY)
+
+
+def test_lone_surrogate_input_answered(engine: JoeyEngine) -> None:
+    reply = engine.reply([Turn("user", "caf\udce9"), Turn("assistant", "ok")], "more \ud800")
+
+    assert reply.text
+
+
+def test_abandoned_stream_stops_thread(tiny_loaded: LoadedModel) -> None:
+    import gc
+
+    slow = JoeyEngine(tiny_loaded, GenerationSettings(temperature=1.0, max_new_tokens=120))
+    stream = slow.stream([], "Tell me a long story")
+    next(stream)
+    del stream
+    gc.collect()
+
+    assert generation_threads() == []
+
+
+def test_cancel_from_other_thread(tiny_loaded: LoadedModel) -> None:
+    slow = JoeyEngine(tiny_loaded, GenerationSettings(temperature=1.0, max_new_tokens=200))
+    with slow.stream([], "Tell me a long story") as stream:
+        next(stream)
+        canceller = threading.Thread(target=stream.cancel)
+        canceller.start()
+        canceller.join()
+        rest = list(stream)
+
+    assert stream.result is not None
+    assert stream.result.new_tokens < 200
+    assert isinstance(rest, list)
+    assert generation_threads() == []

@@ -271,8 +271,13 @@ def test_stable_prefix_never_exceeds_final(plain: PromptFormatter) -> None:
         " ",
         "é",
         "\ufffd",
+        "\t",
+        "\x85",
+        "J",
+        "oe",
+        "y",
     ]
-    for _ in range(300):
+    for _ in range(2000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
         final = plain.clean_reply(text)
         for end in range(len(text) + 1):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,6 +23,10 @@ from joeybot.inference.prompts import Prompt, PromptFormatter, Turn
 
 logger = logging.getLogger(__name__)
 
+MAX_SEED = 2**32 - 1
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>\Z")
+# Letters that render as blank space (Hangul fillers, the blank Braille pattern).
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 # Said when the model returns nothing usable twice in a row.
 FALLBACK_REPLY = "Whoa, I totally blanked there. Say that again?"
 _OVERRIDABLE = frozenset(GenerationSettings.model_fields) - {"system_prompt"}
@@ -97,6 +103,7 @@ class JoeyEngine:
         )
         self._lock = threading.Lock()
         self._device = next(loaded.model.parameters()).device
+        self.byte_token_ids = byte_fallback_ids(loaded.tokenizer)
 
     # ----- public API -------------------------------------------------------------------------
 
@@ -204,7 +211,12 @@ class JoeyEngine:
 
 
 class ReplyStream:
-    """Iterator of reply text pieces; `result` holds the final Reply once it is exhausted."""
+    """Iterator of reply text pieces; `result` holds the final Reply once it is exhausted.
+
+    Stop early with `close()` from the consuming thread, `cancel()` from any thread, or by
+    using the stream as a context manager. Merely leaving a `for` loop does not stop the
+    generation thread while the stream object is still referenced.
+    """
 
     def __init__(
         self,
@@ -220,6 +232,7 @@ class ReplyStream:
         self.options = options
         self.use_adapter = use_adapter
         self.result: Reply | None = None
+        self._cancel = threading.Event()
         self._pieces = self._run()
 
     def __iter__(self) -> Iterator[str]:
@@ -228,25 +241,37 @@ class ReplyStream:
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def __enter__(self) -> ReplyStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Stop generation early; the thread ends after its current token."""
+        """Stop generation early and wait for its thread; call from the consuming thread."""
+        self._cancel.set()
         self._pieces.close()
+
+    def cancel(self) -> None:
+        """Ask generation to stop after its current token; safe from any thread."""
+        self._cancel.set()
 
     def _run(self) -> Iterator[str]:
         started = time.perf_counter()
-        attempt = self._attempt(self.options)
-        text, ids, first_token = yield from attempt
+        text, ids, first_token = yield from self._attempt(self.options)
         regenerated = fallback = False
-        if not text:
+        if not has_visible_text(text) and not self._cancel.is_set():
             logger.warning("empty reply after %d new tokens; generating once more", len(ids))
             regenerated = True
-            retry_options = self._retry_options()
-            text, ids, _ = yield from self._attempt(retry_options)
-        if not text:
+            extra, ids, _ = yield from self._attempt(self._retry_options())
+            text += extra
+        if not has_visible_text(text) and not self._cancel.is_set():
             logger.warning("empty reply twice; sending the fallback line")
             fallback = True
-            text = FALLBACK_REPLY
-            yield text
+            # Invisible characters already streamed stay in front; the reply text must be
+            # exactly what the consumer received.
+            yield FALLBACK_REPLY
+            text += FALLBACK_REPLY
         self.result = Reply(
             text=text,
             prompt_tokens=len(self.prompt.input_ids),
@@ -261,56 +286,101 @@ class ReplyStream:
     def _retry_options(self) -> GenerationSettings:
         values = self.options.model_dump()
         values["temperature"] = max(values["temperature"], 0.8)
-        values["seed"] = None if values["seed"] is None else values["seed"] + 1
+        if values["seed"] is not None:
+            values["seed"] = (values["seed"] + 1) % (MAX_SEED + 1)
         return GenerationSettings.model_validate(values)
 
     def _attempt(self, options: GenerationSettings):
-        """Run one generation in a thread; yield stable text pieces; return (text, ids, ttft)."""
+        """Run one generation in a thread; yield stable text pieces; return (text, ids, ttft).
+
+        The returned text is always the concatenation of the pieces yielded.
+        """
         sink: queue.Queue = queue.Queue()
-        cancel = threading.Event()
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                self.engine._generate(
-                    self.prompt,
-                    options,
-                    self.use_adapter,
-                    _QueueStreamer(sink),
-                    cancel,
-                    self.formatter,
-                )
-            except BaseException as exc:  # handed to the consumer, which re-raises it
-                failure.append(exc)
-                sink.put(("end", None))
-
-        thread = threading.Thread(target=work, name="joeybot-generate", daemon=True)
+        cancel = self._cancel
+        thread = threading.Thread(
+            target=_generate_into,
+            args=(self.engine, self.prompt, options, self.use_adapter, self.formatter, sink),
+            kwargs={"cancel": cancel},
+            name="joeybot-generate",
+            daemon=True,
+        )
         started = time.perf_counter()
         thread.start()
         ids: list[int] = []
         emitted = ""
         first_token: float | None = None
+        failure: BaseException | None = None
+        finished = False
         try:
             while True:
                 kind, value = sink.get()
+                if kind == "error":
+                    failure = value
+                    continue
                 if kind == "end":
+                    finished = True
                     break
                 if first_token is None:
                     first_token = time.perf_counter() - started
                 ids += value
-                stable = self.formatter.stable_reply_prefix(self.engine.decode(ids))
-                if len(stable) > len(emitted):
+                stable = self._stable_text(ids)
+                if len(stable) > len(emitted) and stable.startswith(emitted):
                     yield stable[len(emitted) :]
                     emitted = stable
         finally:
-            cancel.set()
+            if not finished:  # the consumer left early or raised: stop generating
+                cancel.set()
             thread.join()
-        if failure:
-            raise failure[0]
+        if failure is not None:
+            raise failure
         text = self.formatter.clean_reply(self.engine.decode(ids))
         if not text.startswith(emitted):
-            # Cannot happen while stable_reply_prefix keeps its contract; fail loudly if it does.
-            raise RuntimeError("streamed text diverged from the final reply")
+            # The decoded text changed under text already streamed (should not happen since
+            # byte tokens are held back); keep the reply equal to what the consumer received.
+            logger.warning("streamed text and final reply differ; keeping the streamed text")
+            return emitted, ids, first_token
         if len(text) > len(emitted):
             yield text[len(emitted) :]
         return text, ids, first_token
+
+    def _stable_text(self, ids: list[int]) -> str:
+        """Stable reply prefix, ignoring trailing byte tokens whose character is unfinished."""
+        end = len(ids)
+        byte_ids = self.engine.byte_token_ids
+        while end and ids[end - 1] in byte_ids:
+            end -= 1
+        return self.formatter.stable_reply_prefix(self.engine.decode(ids[:end]))
+
+
+def _generate_into(
+    engine: JoeyEngine,
+    prompt: Prompt,
+    options: GenerationSettings,
+    use_adapter: bool,
+    formatter: PromptFormatter,
+    sink: queue.Queue,
+    cancel: threading.Event,
+) -> None:
+    """Thread body: generate and pass token ids, then an error if one occurred, then the end.
+
+    It holds no reference to the ReplyStream, so an abandoned stream can be collected, and
+    collecting it closes the generator, which sets `cancel`.
+    """
+    try:
+        engine._generate(prompt, options, use_adapter, _QueueStreamer(sink), cancel, formatter)
+    except BaseException as exc:  # handed to the consumer, which re-raises it
+        sink.put(("error", exc))
+        sink.put(("end", None))
+
+
+def byte_fallback_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of SentencePiece byte tokens (`<0x41>`): a character may need several of them."""
+    vocabulary = tokenizer.get_vocab()
+    return frozenset(token_id for token, token_id in vocabulary.items() if _BYTE_TOKEN.match(token))
+
+
+def has_visible_text(text: str) -> bool:
+    """True when `text` has a character that shows on screen (not only blanks or format marks)."""
+    return any(
+        unicodedata.category(char)[0] not in "CZ" and char not in _BLANK_LETTERS for char in text
+    )

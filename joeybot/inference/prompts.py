@@ -40,9 +40,11 @@ _SPEAKER_PREFIX = re.compile(
     r"[ \t]*(?:[A-Z][A-Za-z.'\-]{0,20}(?: (?:[A-Z][A-Za-z.'\-]{0,20})?){0,2}"
     r"|\[[^\]\n]{0,40}\]?)?[ \t]*"
 )
-# Joey repeating his own speaker tag at the start of a reply.
+# Joey repeating his own speaker tag at the start of a reply, and its unfinished start.
 _OWN_TAG = re.compile(rf"\A\s*{BOT_TAG}[ \t]*:[ \t]*")
+_OWN_TAG_PREFIX = re.compile(r"\s*(?:J(?:o(?:e(?:y[ \t]*)?)?)?)?")
 _MARKERS = ("<|im_start|>", "<|im_end|>")
+_TRAILING_JUNK = re.compile(r"[\s\ufffd]+\Z")
 # Private-use characters mark where message text goes in a rendered chat template.
 _SLOT = "\ue000{}\ue001"
 _SLOT_PATTERN = re.compile("\ue000(\\d+)\ue001")
@@ -128,15 +130,19 @@ class PromptFormatter:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """Token ids that end Joey's turn."""
-        ids = {tid for tid in self._end_of_turn_ids if tid in self._special_ids()}
+        """Token ids that end Joey's turn: every special token.
+
+        Besides end-of-turn and end-of-text, a model may emit a start-of-turn token to open a
+        turn of its own; decoding skips special tokens, so it could not be cut afterwards.
+        """
+        ids = self._special_ids()
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
 
     def clean_reply(self, text: str) -> str:
         """Cut generated text where another speaker's line starts, and strip whitespace."""
-        return _OWN_TAG.sub("", text[: self.reply_cut_position(text)]).strip()
+        return _finish(_OWN_TAG.sub("", text[: self.reply_cut_position(text)]))
 
     def reply_cut_position(self, text: str) -> int:
         """Index in `text` where Joey's turn ends: the first speaker line, or the end."""
@@ -155,10 +161,10 @@ class PromptFormatter:
         last_break = text.rfind("\n")
         if last_break >= 0 and _SPEAKER_PREFIX.fullmatch(text, last_break + 1):
             hold = last_break
-        if last_break < 0 and _could_be_own_tag(text):
+        if _OWN_TAG_PREFIX.fullmatch(text):
             hold = 0
-        hold = min(hold, _partial_marker_start(text), _replacement_run_start(text))
-        return _OWN_TAG.sub("", text[:hold]).strip()
+        hold = min(hold, _partial_marker_start(text))
+        return _finish(_OWN_TAG.sub("", text[:hold]))
 
     # ----- fitting ----------------------------------------------------------------------------
 
@@ -170,25 +176,34 @@ class PromptFormatter:
 
     def _fit(self, history: list[Turn], user_text: str, budget: int, max_new: int) -> Prompt:
         total_turns = len(history)
-        history = self._pretrim(history, budget)
-        while True:
-            ids = self._encode(self.system_prompt, history, user_text)
-            if len(ids) <= budget or not history:
-                break
-            history = history[1:]
-            # Start the kept history with the user, as every conversation does.
-            while history and history[0].role == "assistant":
-                history = history[1:]
+        history = _normalize(self._pretrim(history, budget))
+        # Fewer turns never make the prompt longer, so the number of oldest turns to drop is
+        # found by bisection: about log2(n) encodings instead of n.
+        low, high = 0, len(history)
+        while low < high:
+            middle = (low + high) // 2
+            if len(self._encode(self.system_prompt, history[middle:], user_text)) <= budget:
+                high = middle
+            else:
+                low = middle + 1
+        history = _normalize(history[low:])
+        ids = self._encode(self.system_prompt, history, user_text)
         prompt = Prompt(ids, max_new, len(history), total_turns - len(history))
         if len(ids) > budget:
             self._truncate_user(prompt, user_text, budget)
+        if len(prompt.input_ids) > budget:
+            raise ValueError(
+                f"a context of {self.max_positions} tokens cannot hold even the prompt frame; "
+                "raise MODEL_MAX_CONTEXT"
+            )
         return prompt
 
     def _pretrim(self, history: list[Turn], budget: int) -> list[Turn]:
         """Drop turns whose text alone already overflows the budget, to skip hopeless tries."""
         used = 0
         for index in range(len(history) - 1, -1, -1):
-            used += len(self._encode_text(history[index].content))
+            # Each turn also costs its frame (speaker tag or role header, line break).
+            used += len(self._encode_text(history[index].content)) + 2
             if used > budget:
                 return history[index + 1 :]
         return history
@@ -221,9 +236,9 @@ class PromptFormatter:
         """Tokenize message text as data: special-token strings stay plain characters."""
         if not text:
             return []
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)[
-            "input_ids"
-        ]
+        return self.tokenizer(
+            replace_lone_surrogates(text), add_special_tokens=False, split_special_tokens=True
+        )["input_ids"]
 
     def _encode(self, system: str, history: Sequence[Turn], user_text: str) -> list[int]:
         if self.uses_chat_template:
@@ -323,15 +338,39 @@ class PromptFormatter:
         return set(self.tokenizer.all_special_ids)
 
 
+def _normalize(history: list[Turn]) -> list[Turn]:
+    """Start with a user turn and merge consecutive turns of one role.
+
+    Strict chat templates (Llama 2's, for one) reject anything else; trimming and a retried or
+    failed reply can leave such histories behind.
+    """
+    merged: list[Turn] = []
+    for turn in history:
+        if not merged and turn.role == "assistant":
+            continue
+        if merged and merged[-1].role == turn.role:
+            merged[-1] = Turn(turn.role, merged[-1].content + "\n" + turn.content)
+        else:
+            merged.append(turn)
+    return merged
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """Replace unpaired UTF-16 surrogates (from invalid bytes on stdin or argv) with U+FFFD.
+
+    Tokenizers reject them, and a surrogate stored in a chat's history would break every later
+    prompt of that chat.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def _one_line(text: str) -> str:
     """Collapse line breaks so a message stays on its own line of the plain layout."""
     return " ".join(text.split())
-
-
-def _could_be_own_tag(text: str) -> bool:
-    stripped = text.lstrip()
-    tag = BOT_TAG + ":"
-    return len(stripped) < len(tag) + 1 and (tag + " ").startswith(stripped)
 
 
 def _partial_marker_start(text: str) -> int:
@@ -342,9 +381,6 @@ def _partial_marker_start(text: str) -> int:
     return len(text)
 
 
-def _replacement_run_start(text: str) -> int:
-    """Index of trailing U+FFFD characters: bytes of a character whose end is not decoded yet."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    return end
+def _finish(reply: str) -> str:
+    """Strip whitespace, and trailing U+FFFD left by a character whose last bytes were cut."""
+    return _TRAILING_JUNK.sub("", reply.strip())
