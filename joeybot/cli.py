@@ -9,6 +9,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from pydantic import ValidationError
+
 from joeybot.config import Settings, SettingsError, load_settings
 from joeybot.errors import ModelLoadError
 from joeybot.process import redact_secrets_in_logs
@@ -22,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("LOG_LEVEL", "INFO"),
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=default_log_level(),
         help="logging level: DEBUG, INFO, WARNING or ERROR (default: $LOG_LEVEL or INFO)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,8 +75,40 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="sampling seed for repeatable replies")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def default_log_level() -> str:
+    """LOG_LEVEL from the environment or .env; INFO when unset or not a known level."""
+    level = os.environ.get("LOG_LEVEL") or _dotenv_value("LOG_LEVEL") or "INFO"
+    if level.upper() not in LOG_LEVELS:
+        print(f"warning: LOG_LEVEL={level!r} is not one of {', '.join(LOG_LEVELS)}; using INFO",
+              file=sys.stderr)  # fmt: skip
+        return "INFO"
+    return level.upper()
+
+
+def _dotenv_value(name: str) -> str | None:
+    from dotenv import dotenv_values
+
+    try:
+        return dotenv_values(".env").get(name)
+    except (OSError, UnicodeDecodeError):
+        return None  # load_settings reports an unreadable .env
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    settings = load_settings()
+    try:
+        return _apply_overrides(load_settings(), args)
+    except ValidationError as exc:
+        lines = ["invalid options:"]
+        for error in exc.errors():
+            option = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-")
+            lines.append(f"  {option}={error.get('input')!r}: {error['msg']}")
+        raise SettingsError("\n".join(lines)) from exc
+
+
+def _apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
     model = {
         key: value
         for key, value in {"base": args.base, "adapter": args.adapter}.items()
@@ -101,6 +137,10 @@ def run_chat(args: argparse.Namespace) -> int:
     from joeybot.chat import answer_once, interactive
     from joeybot.inference.generation import JoeyEngine
     from joeybot.inference.loading import load_model
+
+    if args.message is not None and not args.message.strip():
+        print("error: --message is empty; give the text to send to Joey", file=sys.stderr)
+        return 2
 
     settings = settings_from_args(args)
     loaded = load_model(settings.model)
@@ -203,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`); nothing more can be printed.
+        sys.stderr.close()
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -21,6 +22,7 @@ from pydantic import (
     field_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError as PydanticSettingsError
 
 DEFAULT_PERSONA = (
     "You are Joey Tribbiani from the TV show Friends: an actor from New York who lives for food, "
@@ -30,8 +32,15 @@ DEFAULT_PERSONA = (
 )
 
 
+MIN_CONTEXT = 64
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "joeybot"
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Unknown names are ignored here because the environment holds variables that are not
+    # ours (Kubernetes sets REDIS_PORT for a service named redis); load_settings rejects
+    # unknown names in .env, where they can only be typos.
+    model_config = ConfigDict(extra="ignore", validate_default=True)
 
 
 class ModelSettings(_Section):
@@ -60,20 +69,38 @@ class ModelSettings(_Section):
         default="auto", description="auto picks CUDA when torch sees a GPU, otherwise the CPU."
     )
     threads: int = Field(
-        default=0, ge=0, description="torch CPU threads; 0 keeps torch's default (all cores)."
+        default=0,
+        ge=0,
+        le=1024,
+        description="torch CPU threads; 0 keeps torch's default (all cores).",
     )
     max_context: int = Field(
         default=0,
         ge=0,
         description=(
             "Upper bound in tokens for prompt plus reply; 0 uses the model's own "
-            "max_position_embeddings. A larger value than the model's is clamped to it."
+            "max_position_embeddings. A larger value than the model's is clamped to it. "
+            f"Otherwise at least {MIN_CONTEXT}, so the persona and a message fit."
         ),
     )
     cache_dir: Path = Field(
-        default=Path.home() / ".cache" / "joeybot",
+        default=DEFAULT_CACHE_DIR,
         description="Folder for converted copies of GGUF models (safetensors).",
     )
+
+    @field_validator("max_context")
+    @classmethod
+    def _check_max_context(cls, value: int) -> int:
+        if 0 < value < MIN_CONTEXT:
+            raise ValueError(f"must be 0 (the model's own) or at least {MIN_CONTEXT} tokens")
+        return value
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _empty_cache_dir_is_default(cls, value: object) -> object:
+        # An empty value would otherwise become Path("."), the working directory.
+        return DEFAULT_CACHE_DIR if value is None or str(value).strip() == "" else value
+
     merge_adapter: bool = Field(
         default=False,
         description=(
@@ -360,7 +387,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         env_nested_delimiter="_",
         env_nested_max_split=1,
-        extra="forbid",
+        extra="ignore",
         case_sensitive=False,
     )
 
@@ -379,15 +406,53 @@ class SettingsError(ValueError):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read the settings and turn validation failures into one readable error.
+    """Read the settings and turn every failure into one readable error.
 
     The message names each variable as an operator writes it (`MODEL_DTYPE`), the value
-    received and what was expected.
+    received (secrets hidden) and what was expected. A name in `.env` that is no setting is
+    an error; unknown names in the environment are ignored, since other software sets them.
     """
+    env_file = overrides.get("_env_file", Settings.model_config.get("env_file"))
+    if env_file:
+        check_env_file(Path(str(env_file)))
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(format_validation_error(exc)) from exc
+    except PydanticSettingsError as exc:
+        raise SettingsError(f"invalid settings: {redact_url(str(exc))}") from exc
+
+
+# Read by the command line, not by Settings, so that logging starts before settings load.
+EXTRA_VARIABLES = frozenset({"LOG_LEVEL"})
+
+
+def setting_variables() -> set[str]:
+    """Return the environment name of every setting, such as MODEL_BASE."""
+    names = set()
+    for section_name, section in Settings.model_fields.items():
+        for field_name in section.annotation.model_fields:
+            names.add(f"{section_name}_{field_name}".upper())
+    return names
+
+
+def check_env_file(path: Path) -> None:
+    """Raise SettingsError for a .env file that cannot be read or names an unknown variable."""
+    if not path.is_file():
+        return
+    try:
+        keys = dotenv_values(path, encoding="utf-8").keys()
+    except UnicodeDecodeError as exc:
+        raise SettingsError(
+            f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from exc
+    known = setting_variables() | EXTRA_VARIABLES
+    unknown = sorted(key for key in keys if key.upper() not in known)
+    if unknown:
+        raise SettingsError(
+            f"invalid settings: {path} names unknown variables: {', '.join(unknown)}. "
+            "Check the spelling against .env.example."
+        )
 
 
 def format_validation_error(exc: ValidationError) -> str:

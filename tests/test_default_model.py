@@ -92,3 +92,16 @@ def test_default_model_answers_joey_line(first_load) -> None:
     assert reply.text.strip()
     assert reply.new_tokens > 0
     assert not reply.fallback
+
+
+def test_broken_cached_copy_converted_again(first_load, cache_dir: Path, caplog) -> None:
+    copy = next((cache_dir / "gguf").iterdir())
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    with caplog.at_level(logging.WARNING, logger="joeybot.inference.loading"):
+        loaded = load_model(ModelSettings(cache_dir=cache_dir))
+
+    assert "unreadable" in caplog.text
+    assert weights.stat().st_size > 1_000_000
+    assert loaded.max_positions == 8192

@@ -358,3 +358,47 @@ def test_cancel_from_other_thread(tiny_loaded: LoadedModel) -> None:
     assert stream.result.new_tokens < 200
     assert isinstance(rest, list)
     assert generation_threads() == []
+
+
+# ----- load errors an operator can make -------------------------------------------------------
+
+
+def test_folder_without_model_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        load_model(model_settings(tmp_path))
+
+
+def test_missing_base_folder_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="MODEL_BASE folder not found"):
+        load_model(model_settings(tmp_path / "absent"))
+
+
+def test_corrupt_adapter_config_rejected(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    adapter = build_lora_adapter(tiny_llama_dir, tmp_path / "adapter")
+    (adapter / "adapter_config.json").write_text("{not json", encoding="utf-8")
+
+    with pytest.raises(ModelLoadError, match="cannot read adapter config"):
+        load_model(model_settings(tiny_llama_dir, adapter))
+
+
+def test_corrupt_adapter_weights_rejected(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    adapter = build_lora_adapter(tiny_llama_dir, tmp_path / "adapter")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+
+    with pytest.raises(ModelLoadError, match="cannot read adapter weights"):
+        load_model(model_settings(tiny_llama_dir, adapter))
+
+
+def test_unwritable_cache_rejected_before_conversion(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x", encoding="utf-8")
+
+    with pytest.raises(ModelLoadError, match="MODEL_CACHE_DIR .* is not a writable folder"):
+        load_model(ModelSettings(adapter="", cache_dir=not_a_folder / "sub"))
+
+
+def test_auto_adapter_skipped_for_other_base(tiny_llama_dir: Path) -> None:
+    loaded = load_model(ModelSettings(base=str(tiny_llama_dir), adapter="auto"))
+
+    assert loaded.info["adapter"] is None
+    assert not loaded.has_adapter

