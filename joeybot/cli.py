@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
@@ -225,6 +226,8 @@ def configure_logging(level: str) -> None:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        # Deprecation notices from inside transformers and peft are for their developers.
+        warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("httpx", "huggingface_hub", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 

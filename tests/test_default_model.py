@@ -11,6 +11,7 @@ import pytest
 from joeybot.config import GenerationSettings, ModelSettings
 from joeybot.inference.generation import JoeyEngine
 from joeybot.inference.loading import (
+    SHIPPED_ADAPTER,
     LoadedModel,
     converted_gguf_dir,
     default_gguf_path,
@@ -105,3 +106,10 @@ def test_broken_cached_copy_converted_again(first_load, cache_dir: Path, caplog)
     assert "unreadable" in caplog.text
     assert weights.stat().st_size > 1_000_000
     assert loaded.max_positions == 8192
+
+
+def test_shipped_adapter_attached_by_default(first_load) -> None:
+    loaded, _ = first_load
+
+    assert loaded.info["adapter"] == str(SHIPPED_ADAPTER)
+    assert loaded.has_adapter
