@@ -44,7 +44,7 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    """Where the model comes from and how it runs."""
+    """Model source, adapter and runtime placement."""
 
     base: str = Field(
         default="",

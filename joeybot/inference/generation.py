@@ -50,10 +50,6 @@ class Reply:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-class GenerationCancelled(Exception):
-    """Raised inside the generation thread when its consumer stopped reading."""
-
-
 class _StopWhen(StoppingCriteria):
     """Stop when the consumer leaves or the reply reaches another speaker's line."""
 
