@@ -30,7 +30,7 @@ PROMPTS = [
 ]
 
 
-def child(cache_dir: str, new_tokens: int, runs: int, threads: int) -> dict:
+def child(cache_dir: str, new_tokens: int, runs: int, threads: int, adapter: str) -> dict:
     """Load the model and generate; return figures for this process."""
     import resource
     import time
@@ -42,7 +42,7 @@ def child(cache_dir: str, new_tokens: int, runs: int, threads: int) -> dict:
     from joeybot.inference.loading import load_model
 
     started = time.perf_counter()
-    loaded = load_model(ModelSettings(cache_dir=Path(cache_dir), threads=threads))
+    loaded = load_model(ModelSettings(cache_dir=Path(cache_dir), threads=threads, adapter=adapter))
     load_seconds = time.perf_counter() - started
     engine = JoeyEngine(loaded, GenerationSettings(max_new_tokens=new_tokens))
     replies = []
@@ -87,10 +87,11 @@ def time_fixed_length(engine, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - started)
 
 
-def run_child(cache_dir: str, new_tokens: int, runs: int, threads: int) -> dict:
+def run_child(cache_dir: str, new_tokens: int, runs: int, threads: int, adapter: str) -> dict:
     command = [
         sys.executable, __file__, "--child", cache_dir,
         "--new-tokens", str(new_tokens), "--runs", str(runs), "--threads", str(threads),
+        "--adapter", adapter,
     ]  # fmt: skip
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -113,26 +114,30 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="replies generated per process")
     parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens per reply")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument(
+        "--adapter", default="auto", help="MODEL_ADAPTER value: auto (shipped), '' or a folder"
+    )
     parser.add_argument("--cached-loads", type=int, default=3, help="cached load repeats")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        print(json.dumps(child(args.child, args.new_tokens, args.runs, args.threads)))
+        print(json.dumps(child(args.child, args.new_tokens, args.runs, args.threads, args.adapter)))
         return
 
     with tempfile.TemporaryDirectory(prefix="joeybot-bench-") as cache_dir:
-        first = run_child(cache_dir, args.new_tokens, args.runs, args.threads)
-        cached = [run_child(cache_dir, args.new_tokens, 1, args.threads)]
-        cached += [run_child(cache_dir, args.new_tokens, 1, args.threads)
-                   for _ in range(args.cached_loads - 1)]  # fmt: skip
+        options = (args.threads, args.adapter)
+        first = run_child(cache_dir, args.new_tokens, args.runs, *options)
+        cached = [run_child(cache_dir, args.new_tokens, 1, *options)
+                  for _ in range(args.cached_loads)]  # fmt: skip
 
     ttft = first["ttft_s"]
     speed = first["tokens_per_s"]
     figures = {
         "machine": describe_machine(),
         "torch_threads": first["threads"],
+        "adapter": args.adapter or "(none)",
         "first_load_s": round(first["load_s"], 2),
         "cached_load_s_median": round(statistics.median(c["load_s"] for c in cached), 2),
         "ttft_s_median": round(statistics.median(ttft), 3),
