@@ -66,6 +66,9 @@ CONTINUATION_DEFER_S = 1.0
 # A job stops taking new messages after this share of the job timeout and hands the rest on
 # to a fresh job, so arq's timeout does not cut a reply in half.
 JOB_TIME_SHARE = 0.7
+# A job hands its chat back to the queue after this many replies, so that one user who
+# writes as fast as Joey answers cannot keep a worker from every other chat.
+MAX_REPLIES_PER_JOB = 2
 
 
 @dataclass
@@ -161,9 +164,10 @@ class ChatJob:
                 if await self.inbox.unlock_if_idle(self.chat_id, self.token) != 0:
                     return answered  # released, or another job holds the chat now
                 continue
-            if self._out_of_time():
+            reason = self._reason_to_yield(answered)
+            if reason:
                 await self._unlock_quietly()
-                await self._continue_later("the job is running out of time")
+                await self._continue_later(reason)
                 return answered
             await self.answer(message)
             answered += 1
@@ -326,6 +330,14 @@ class ChatJob:
                 # The next round tries again; a lease outlives two missed renewals.
                 logger.warning("job %s: could not renew leases: %s", self.job_id, exc)
             await asyncio.sleep(lease_s / 3)
+
+    def _reason_to_yield(self, answered: int) -> str:
+        """Return why the job should hand the chat back to the queue now, or ""."""
+        if self._out_of_time():
+            return "the job is running out of time"
+        if answered >= MAX_REPLIES_PER_JOB:
+            return f"{answered} replies sent, so other chats go first"
+        return ""
 
     def _out_of_time(self) -> bool:
         limit = self.settings.worker.job_timeout_s * JOB_TIME_SHARE

@@ -389,3 +389,30 @@ async def test_webhook_mode_replies(
     assert len(sent) == 1
     assert rejected == 401
     assert not fake.calls("getUpdates")
+
+
+async def test_fast_chat_does_not_starve_others(
+    fake: FakeTelegram, redis: ArqRedis, settings_for, engine: JoeyEngine
+) -> None:
+    settings = settings_for()
+    other = PRIVATE + 7
+    async with running_bot(settings, fake):
+        fake.push_text(PRIVATE, "One")
+        await settle(fake)
+        fake.push_text(other, "Me too!")
+        await settle(fake)
+        fake.push_text(PRIVATE, "Two")
+        fake.push_text(PRIVATE, "Three")
+        await settle(fake)
+        async with running_worker(settings, engine):
+            await wait_answered(redis, PRIVATE, 3)
+            await wait_answered(redis, other, 1)
+
+    order = [
+        (job["chat_id"], job["finished_at"])
+        for job in await recent_jobs(redis)
+        if job["chat_id"] in (PRIVATE, other)
+    ]
+    chats_in_order = [chat for chat, _ in sorted(order, key=lambda item: item[1])]
+    # The first job answers "One" and "Two" of the fast chat, then lets the other chat go first.
+    assert chats_in_order == [PRIVATE, PRIVATE, other, PRIVATE]
