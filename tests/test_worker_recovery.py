@@ -278,11 +278,12 @@ async def test_up_stops_everything_together(
         assert status == 0
         assert "stopping on SIGTERM" in output
         assert await list_workers(redis) == []  # the worker stopped cleanly
+        assert "worker-1 stopped\n" in output
     else:
         assert status == 1
         assert "worker-1 exited with status -9; stopping the others" in output
-    assert "bot stopped with status" in output
-    assert "worker-1 stopped with status" in output
+        assert "worker-1 stopped with status -9" in output
+    assert "bot stopped\n" in output
 
 
 # ----- start-up errors -------------------------------------------------------------------------
