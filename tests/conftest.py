@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from arq.connections import ArqRedis
+
+from joeybot.config import RedisConnectionSettings
+from joeybot.inference.generation import JoeyEngine
+from joeybot.inference.loading import load_model
+from joeybot.redis_client import create_redis
+from joeybot.testing import FakeTelegram
+
+from .service_support import RedisServer, make_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,3 +112,38 @@ def build_lora_adapter(
 def tiny_adapter_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter made with peft for the tiny model, with non-zero weights."""
     return build_lora_adapter(tiny_llama_dir, tmp_path_factory.mktemp("tiny-adapter"))
+
+
+# ----- services for the bot, worker and admin tests --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server on a free port of 127.0.0.1, one per test module."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[ArqRedis]:
+    """A client of `redis_server`, emptied before each test."""
+    redis_server.flush()
+    client = create_redis(RedisConnectionSettings(url=redis_server.url))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTelegram]:
+    """A fake Telegram Bot API server on 127.0.0.1."""
+    async with FakeTelegram() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir: Path, tiny_adapter_dir: Path) -> JoeyEngine:
+    """The tiny model with its adapter, as the service tests' workers run it."""
+    settings = make_settings("redis://127.0.0.1/0", None, tiny_llama_dir, tiny_adapter_dir)
+    return JoeyEngine(load_model(settings.model), settings.generation)

@@ -36,14 +36,6 @@ PATH_PARAMETER = re.compile(r"\{[^}]+\}")
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def settings(redis_server: RedisServer) -> Settings:
     return Settings(
         _env_file=None,

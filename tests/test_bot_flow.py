@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from arq.connections import ArqRedis
 
 from joeybot import keys, texts
-from joeybot.config import RedisConnectionSettings, Settings
+from joeybot.config import Settings
 from joeybot.history import HistoryStore
 from joeybot.inference.generation import JoeyEngine
-from joeybot.inference.loading import load_model
-from joeybot.redis_client import create_redis
 from joeybot.testing import FakeTelegram
 from joeybot.workers import queue_depth, recent_jobs
 
@@ -35,34 +32,6 @@ MEMBER = 601
 # A chat whose /help replies show that the bot has handled every earlier update.
 SENTINEL = 999
 REPLY_TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-bot"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir: Path, tiny_adapter_dir: Path) -> JoeyEngine:
-    settings = make_settings("redis://127.0.0.1/0", None, tiny_llama_dir, tiny_adapter_dir)
-    return JoeyEngine(load_model(settings.model), settings.generation)
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[ArqRedis]:
-    redis_server.flush()
-    client = create_redis(RedisConnectionSettings(url=redis_server.url))
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeTelegram]:
-    async with FakeTelegram() as server:
-        yield server
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,38 +41,10 @@ REPLY_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-recovery"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir: Path, tiny_adapter_dir: Path) -> JoeyEngine:
-    settings = make_settings("redis://127.0.0.1/0", None, tiny_llama_dir, tiny_adapter_dir)
-    return JoeyEngine(load_model(settings.model), settings.generation)
-
-
-@pytest.fixture(scope="module")
 def slow_model_dir(llama2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with 4096 positions, so one reply can run for thousands of tokens."""
     folder = tmp_path_factory.mktemp("tiny-llama-4k")
     return build_tiny_llama(folder, llama2_tokenizer_dir, max_position_embeddings=4096)
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[ArqRedis]:
-    redis_server.flush()
-    client = create_redis(RedisConnectionSettings(url=redis_server.url))
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeTelegram]:
-    async with FakeTelegram() as server:
-        yield server
 
 
 async def answered_jobs(redis: ArqRedis, count: int) -> list[dict]:
