@@ -37,7 +37,7 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "joeybot"
 
 
 class _Section(BaseModel):
-    # Unknown names are ignored here because the environment holds variables that are not
+    # Unknown names are ignored here because the environment contains variables that are not
     # ours (Kubernetes sets REDIS_PORT for a service named redis); load_settings rejects
     # unknown names in .env, where they can only be typos.
     model_config = ConfigDict(extra="ignore", validate_default=True)
@@ -402,7 +402,7 @@ class Settings(BaseSettings):
 
 
 class SettingsError(ValueError):
-    """Raised when the environment or `.env` holds an invalid setting."""
+    """Raised when the environment or `.env` contains an invalid setting."""
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -207,7 +207,7 @@ class JoeyEngine:
 
 
 class ReplyStream:
-    """Iterator of reply text pieces; `result` holds the final Reply once it is exhausted.
+    """Iterator of reply text pieces; `result` is the final Reply once it is exhausted.
 
     Stop early with `close()` from the consuming thread, `cancel()` from any thread, or by
     using the stream as a context manager. Merely leaving a `for` loop does not stop the
@@ -331,8 +331,8 @@ class ReplyStream:
             raise failure
         text = self.formatter.clean_reply(self.engine.decode(ids))
         if not text.startswith(emitted):
-            # The decoded text changed under text already streamed (should not happen since
-            # byte tokens are held back); keep the reply equal to what the consumer received.
+            # The decoded text changed under text already streamed. Held-back byte tokens
+            # should prevent that, but the reply must still equal what the consumer received.
             logger.warning("streamed text and final reply differ; keeping the streamed text")
             return emitted, ids, first_token
         if len(text) > len(emitted):

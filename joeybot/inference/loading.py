@@ -103,7 +103,8 @@ def convert_gguf(gguf_path: Path, sha256: str, target: Path) -> None:
     """Dequantize a GGUF file once and save it as an ordinary model folder.
 
     The copy is written to a temporary folder and renamed into place, so a worker that
-    starts at the same moment never reads half a copy; the second one to finish discards its own.
+    starts at the same moment never reads half a copy. Of two concurrent conversions, the second
+    to finish discards its own copy.
     """
     logger.info("converting %s to safetensors in %s (first load only)", gguf_path.name, target)
     started = time.perf_counter()
@@ -318,7 +319,7 @@ def check_adapter_fits(model: torch.nn.Module, folder: Path, base_name: str) -> 
     """Raise ModelLoadError unless each LoRA weight in `folder` matches a layer of `model`.
 
     peft only warns about adapter weights whose layer does not exist, which would leave the
-    adapter silently unused; a mismatch of shapes surfaces deep inside torch. Both are caught
+    adapter silently unused. A mismatch of shapes surfaces deep inside torch. Both are caught
     here with a message that names the adapter and the base.
     """
     weights = folder / "adapter_model.safetensors"

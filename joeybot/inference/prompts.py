@@ -10,7 +10,7 @@ build their ids here. Two layouts exist:
 
 User text is data: it is tokenized with `split_special_tokens=True`, so typing `<|im_end|>` or
 `</s>` yields ordinary characters, and in the plain layout line breaks inside a message become
-spaces so that nobody can start a `Joey:` line of their own.
+spaces so that no message can start a `Joey:` line of its own.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class PromptFormatter:
     def build(self, history: Sequence[Turn], user_text: str, max_new_tokens: int) -> Prompt:
         """Build the generation prompt, dropping the oldest turns until it fits.
 
-        `max_new_tokens` is lowered when the caller asks for more than half of the context,
-        so the prompt always keeps room; the returned prompt carries the value to use.
+        `max_new_tokens` is lowered when the caller requests more than half of the context,
+        so the prompt always keeps room. The returned prompt carries the value to use.
         """
         max_new_tokens = self._clamp_new_tokens(max_new_tokens)
         budget = self.max_positions - max_new_tokens
